@@ -392,9 +392,10 @@ def lyap_spectrum(step, h0, inputs, k=None, warmup=0, frame=None, qr_device=None
 
 
 def random_frame(batch, n, k, generator, dtype=torch.float64):
-    """(batch, n, k) random orthonormal frames (QR of a Gaussian matrix)."""
-    gauss = torch.randn(batch, n, k, generator=generator, dtype=dtype)
-    return torch.linalg.qr(gauss)[0]
+    """(batch, n, k) random orthonormal frames (QR of a Gaussian matrix), drawn in float64
+    whatever `dtype`, so that the precision changes nothing else."""
+    gauss = torch.randn(batch, n, k, generator=generator, dtype=torch.float64)
+    return torch.linalg.qr(gauss)[0].to(dtype)
 
 
 def _time_qr(device, shape, dtype, source):
@@ -439,7 +440,8 @@ def in_chunks(fn, batch, chunk=None):
             chunk = (chunk + 1) // 2
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            tqdm.write(f"out of GPU memory in the spectrum stage: retrying {chunk} at a time")
+            tqdm.write(f"out of GPU memory in the spectrum stage: retrying {chunk} at a time",
+                       file=sys.stderr)
 
 
 def kaplan_yorke(spectrum):
@@ -650,6 +652,8 @@ def batch_file(out_dir, trial):
 def summarize(args, records, out_dir, units):
     """Mean spectrum of the trials in the mean, its spread, and the plots."""
     out_dir = Path(out_dir)
+    if sum(r.get("lyap_max") is not None for r in records) > 1:
+        plot_accuracy(out_dir / "accuracy_vs_lyapunov.png", records, units)
     kept = [r for r in records if r["status"] == "ok"]
     if not kept:
         return None
@@ -694,8 +698,6 @@ def summarize(args, records, out_dir, units):
                f". Kaplan-Yorke dimension {summary['kaplan_yorke_dimension']:.2f}, sum "
                f"of positive exponents {summary['sum_positive']:.4f}. Units: {units}.")
     plot_spectrum(out_dir / "lyap_spectrum_mean.png", mean, std, caption, units, across)
-    if sum(r.get("lyap_max") is not None for r in records) > 1:
-        plot_accuracy(out_dir / "accuracy_vs_lyapunov.png", records, units)
     return summary
 
 
@@ -877,7 +879,8 @@ def open_out_dir(args, out_dir):
                 batch = np.load(batch_file(out_dir, r["trial"]))
                 assert spectrum.shape == (args.hidden,) and batch.shape[1:] == spectrum.shape
             except Exception:  # noqa: BLE001 - a torn or missing file: redo the trial
-                tqdm.write(f"trial {r['trial']}: result file unreadable, redoing it")
+                tqdm.write(f"trial {r['trial']}: result file unreadable, redoing it",
+                           file=sys.stderr)
                 continue
         kept.append(r)
     return kept
