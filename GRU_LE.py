@@ -287,18 +287,18 @@ def gru_step_analytic(params, h, x):
     hidden = h.shape[-1]
     gi = x @ w_ih.T if b_ih is None else torch.addmm(b_ih, x, w_ih.T)  # (B, 3H)
     gh = h @ w_hh.T if b_hh is None else torch.addmm(b_hh, h, w_hh.T)  # (B, 3H)
-    i_r, i_z, i_n = gi.split(hidden, -1)
-    h_r, h_z, g = gh.split(hidden, -1)
-    r = torch.sigmoid(i_r + h_r)
-    z = torch.sigmoid(i_z + h_z)
-    n = torch.tanh(i_n + r * g)
+    rz = torch.sigmoid(gi[:, :2 * hidden] + gh[:, :2 * hidden])  # r and z, (B, 2H)
+    r, z = rz[:, :hidden], rz[:, hidden:]
+    g = gh[:, 2 * hidden:]
+    n = torch.tanh(torch.addcmul(gi[:, 2 * hidden:], r, g))
     h_next = torch.lerp(n, h, z)  # (1 - z) * n + z * h
 
+    drz = rz - rz * rz  # sigmoid' of both gates
     w_hr, w_hz, w_hn = w_hh.view(3, hidden, hidden)
-    a = (1 - z) * (1 - n * n)  # d h'/d(pre-activation of n), (B, H)
+    a = (1 - z) * (1 - n * n)  # d h' / d(pre-activation of n), (B, H)
     jac = (a * r).unsqueeze(-1) * w_hn  # (B, H, H)
-    jac.addcmul_((a * g * r * (1 - r)).unsqueeze(-1), w_hr)
-    jac.addcmul_(((h - n) * z * (1 - z)).unsqueeze(-1), w_hz)
+    jac.addcmul_((a * g * drz[:, :hidden]).unsqueeze(-1), w_hr)
+    jac.addcmul_(((h - n) * drz[:, hidden:]).unsqueeze(-1), w_hz)
     jac.diagonal(dim1=-2, dim2=-1).add_(z)
     return h_next, jac
 
@@ -372,9 +372,9 @@ def lyap_spectrum(step, h0, inputs, k=None, warmup=0, frame=None, qr_device=None
         raise ValueError(f"warmup must be in [0, T) with T = {steps}, got {warmup}")
     if frame is None:
         frame = torch.eye(n, k, dtype=h0.dtype, device=h0.device).expand(batch, n, k)
-    q = frame
-    h = h0
+    q, h = frame, h0
     log_r = torch.zeros(batch, k, dtype=torch.float64, device=qr_device or h0.device)
+    diagonals = []  # R_ii of recent measured steps, logged 64 steps at a time
     for t in range(steps):
         h, jac = step(h, inputs[:, t])
         jq = jac @ q  # (B, n, k)
@@ -382,7 +382,10 @@ def lyap_spectrum(step, h0, inputs, k=None, warmup=0, frame=None, qr_device=None
             jq = jq.to(qr_device)
         q, r = torch.linalg.qr(jq)
         if t >= warmup:
-            log_r += r.diagonal(dim1=-2, dim2=-1).to(torch.float64).abs().log()
+            diagonals.append(r.diagonal(dim1=-2, dim2=-1).clone())  # (B, k)
+        if len(diagonals) == 64 or t == steps - 1:
+            log_r += torch.stack(diagonals).to(torch.float64).abs().log().sum(0)
+            diagonals.clear()
         q = q.to(h.device)
     spectrum = (log_r / (steps - warmup)).to(h0.device)
     if torch.isneginf(spectrum).any():
