@@ -342,7 +342,8 @@ def gru_map(gru, jacobian="analytic", dtype=torch.float64, device=None):
 # Lyapunov spectrum by the discrete QR method
 
 
-def lyap_spectrum(step, h0, inputs, k=None, warmup=0, frame=None, qr_device=None):
+def lyap_spectrum(step, h0, inputs, k=None, warmup=0, frame=None, qr_device=None,
+                  desc=None):
     """Lyapunov spectrum of the driven map h_t = f(h_{t-1}, x_t), by the discrete QR method.
 
     step:    step(h, x_t) -> (h_next, J) with J (B, n, n) = d h_next / d h.
@@ -351,6 +352,7 @@ def lyap_spectrum(step, h0, inputs, k=None, warmup=0, frame=None, qr_device=None
              evolve the state and re-orthonormalise the frame but are not counted.
     frame:   (B, n, k) orthonormal initial tangent frame (default: the first k columns
              of the identity); qr_device: where to run the QR (default: J's device).
+    desc:    label of a progress bar over the steps (default: no bar).
 
     At every step the frame is pushed forward, Q <- J Q, and re-orthonormalised, J Q = Q R;
     after the warm-up log|R_ii| is summed in float64. Returns (B, k) float64 exponents in
@@ -375,7 +377,8 @@ def lyap_spectrum(step, h0, inputs, k=None, warmup=0, frame=None, qr_device=None
     q, h = frame, h0
     log_r = torch.zeros(batch, k, dtype=torch.float64, device=qr_device or h0.device)
     diagonals = []  # R_ii of recent measured steps, logged 64 steps at a time
-    for t in range(steps):
+    for t in tqdm(range(steps), desc=desc, disable=True if desc is None else None,
+                  leave=False, unit="step"):
         h, jac = step(h, inputs[:, t])
         jq = jac @ q  # (B, n, k)
         if qr_device is not None:
@@ -537,7 +540,8 @@ def trial_spectrum(args, gru, x_test, seeds, device, qr_device=None):
     h0 = torch.zeros(batch, hidden, dtype=dtype, device=device)
     step = gru_map(gru, args.jacobian, dtype, device)
     spectra = in_chunks(lambda s: lyap_spectrum(step, h0[s], inputs[s], warmup=warmup,
-                                                frame=frame[s], qr_device=qr_device), batch)
+                                                frame=frame[s], qr_device=qr_device,
+                                                desc="spectrum"), batch)
     check = {}
     for steps in (args.le_steps, 2 * args.le_steps):
         drive = noise[:, :args.le_warmup + steps]
@@ -938,41 +942,70 @@ def run_trial(args, data, trial, device, out_dir, qr_device):
     return record
 
 
+def check_checkpoint(args):
+    """Refuse a --load-model file that is not a GRUSMNIST state_dict of these settings."""
+    try:
+        state = torch.load(args.load_model, map_location="cpu")
+        hidden = state["gru.weight_hh_l0"].shape[1]
+    except Exception:  # noqa: BLE001 - any unreadable checkpoint
+        raise UsageError(f"--load-model {args.load_model} is not a state_dict saved by "
+                         "GRU_LE.py --save-models") from None
+    if hidden != args.hidden:
+        raise UsageError(f"--load-model holds a GRU with {hidden} units: pass --hidden {hidden}")
+    if ("gru.bias_hh_l0" in state) != args.bias:
+        flag = "--bias" if "gru.bias_hh_l0" in state else "--no-bias"
+        raise UsageError(f"--load-model was saved with other GRU biases: pass {flag}")
+
+
+def setup(args, parser):
+    """Everything that can fail on bad input, before any training: returns
+    (device, out_dir, earlier trial records, data). Raises UsageError."""
+    check_args(args)
+    if args.init == "uniform" and args.p is None and args.p_range is None:
+        args.p_range = [0.1, 3.0]  # the authors' sweep
+    device = resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.load_model:
+        check_checkpoint(args)
+    out_dir = Path(args.out_dir) if args.out_dir else default_out_dir(args, parser)
+    records = open_out_dir(args, out_dir)
+    data = load_smnist(args.data_dir, device)
+    if args.train_limit:
+        data = (data[0][:args.train_limit], data[1][:args.train_limit]) + data[2:]
+    return device, out_dir, records, data
+
+
+def trial_line(record, units):
+    """The one-line summary of a finished trial."""
+    if record["status"] == "diverged":
+        return f"trial {record['trial']} failed: {record['reason']}"
+    noise = ", ".join(f"{v:+.4f} at {k} steps" for k, v in record["lyap_max_noise"].items())
+    return (f"trial {record['trial']}: test acc {record['test_accuracy']:.4f}, largest "
+            f"exponent {record['lyap_max']:+.4f} {units} (noise protocol: {noise}), "
+            f"{record['time_s']:.0f}s" +
+            ("" if record["status"] == "ok" else "; left out of the mean"))
+
+
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        check_args(args)
-        if args.init == "uniform" and args.p is None and args.p_range is None:
-            args.p_range = [0.1, 3.0]  # the authors' sweep
-        device = resolve_device(args.device)
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        out_dir = Path(args.out_dir) if args.out_dir else default_out_dir(args, parser)
-        records = open_out_dir(args, out_dir)
-        data = load_smnist(args.data_dir, device)
-        if args.load_model:
-            try:
-                state = torch.load(args.load_model, map_location="cpu")
-                hidden = state["gru.weight_hh_l0"].shape[1]
-            except Exception:  # noqa: BLE001 - any unreadable checkpoint
-                raise UsageError(f"--load-model {args.load_model} is not a saved "
-                                 "GRU_LE.py state_dict") from None
-            if hidden != args.hidden:
-                raise UsageError(f"--load-model holds a GRU with {hidden} units: "
-                                 f"pass --hidden {hidden}")
+        device, out_dir, records, data = setup(args, parser)
     except UsageError as e:
         print(f"GRU_LE.py: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("GRU_LE.py: interrupted before the first trial", file=sys.stderr)
+        return 130
 
-    if args.train_limit:
-        data = (data[0][:args.train_limit], data[1][:args.train_limit]) + data[2:]
     units = "nats per step" if args.log_base == "e" else "bits per step"
     dtype = getattr(torch, args.dtype)
     qr_device = pick_qr_device(device, (args.le_batch, args.hidden, args.hidden), dtype)
     info = {"settings": vars(args), "units": units, "out_dir": str(out_dir),
             "qr_device": str(qr_device), "environment": environment(device),
             "trials": records, "mean": None}
+    save_json(out_dir / "run.json", info)  # from now on the folder can be resumed
     tqdm.write(f"GRU_LE: {args.trials} trial(s), H={args.hidden}, {args.epochs} epochs, "
                f"{len(data[0])} training images, device {device}; results in {out_dir}")
     done = {r["trial"] for r in records}
@@ -989,16 +1022,7 @@ def main(argv=None):
             records.sort(key=lambda r: r["trial"])
             info["mean"] = summarize(args, records, out_dir, units)
             save_json(out_dir / "run.json", info)
-            if record["status"] == "diverged":
-                tqdm.write(f"trial {trial} failed: {record['reason']}")
-            else:
-                tqdm.write(f"trial {trial}: test acc {record['test_accuracy']:.4f}, "
-                           f"largest exponent {record['lyap_max']:+.4f} {units} "
-                           f"(noise protocol: " + ", ".join(
-                               f"{v:+.4f} at {k} steps"
-                               for k, v in record["lyap_max_noise"].items()) +
-                           f"), {record['time_s']:.0f}s" +
-                           ("" if record["status"] == "ok" else "; left out of the mean"))
+            tqdm.write(trial_line(record, units))
     except KeyboardInterrupt:
         interrupted = True
     info["mean"] = summarize(args, records, out_dir, units)

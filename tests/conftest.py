@@ -3,9 +3,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+# The tests use small matrices, for which one thread is fastest; on a machine shared with
+# other work, several threads waiting on each other can make them 50 times slower.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
