@@ -246,6 +246,19 @@ def test_saved_model_reloads_to_the_same_spectrum(tmp_path, mnist_dir):
                           load(out_dir, "lyap_spectrum_T1.npy"))
 
 
+def test_load_model_refuses_a_foreign_or_mismatched_file(tmp_path, mnist_dir, capsys):
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    saved = tmp_path / "h8.pt"
+    torch.save(G.GRUSMNIST(8).state_dict(), saved)
+    for flags, says in (([str(garbage)], "--save-models"), ([str(saved)], "--hidden 8"),
+                        ([str(saved), "--hidden", "8", "--no-bias"], "--bias")):
+        code, _ = run(tmp_path, mnist_dir, "--load-model", *flags)
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and says in err, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_spectrum_stage_survives_out_of_memory(tmp_path, mnist_dir, reference, monkeypatch):
     real = G.lyap_spectrum
 
