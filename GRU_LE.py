@@ -21,6 +21,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -94,6 +95,9 @@ def ensure_mnist(data_dir):
     raw = Path(data_dir) / "MNIST" / "raw"
     hand = (f"download the four uncompressed MNIST IDX files ({', '.join(MNIST_MD5)}) "
             f"and place them in {raw}/")
+    for name in MNIST_MD5:
+        if (raw / name).exists() and not (raw / name).is_file():
+            raise UsageError(f"{raw / name} is not a file: remove it, then run again")
     if not all((raw / name).is_file() for name in MNIST_MD5):
         try:
             raw.mkdir(parents=True, exist_ok=True)
@@ -597,55 +601,80 @@ def _pyplot():
 
 
 def plot_spectrum(path, mean, std, caption, units, across):
-    """Mean spectrum with a one-standard-deviation band; right panel: the top exponents."""
+    """Mean spectrum with a one-standard-deviation band (where one can be measured);
+    beside it, for H > 32, a zoom on the 32 largest exponents."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), gridspec_kw={"width_ratios": [3, 2]})
-    index = np.arange(1, len(mean) + 1)
-    top = min(len(mean), 32)
-    for ax, upto in zip(axes, (len(mean), top)):
-        ax.fill_between(index[:upto], (mean - std)[:upto], (mean + std)[:upto],
-                        color="tab:blue", alpha=0.25, lw=0, label=f"±1 s.d. across {across}")
+    from matplotlib.ticker import MaxNLocator
+
+    hidden = len(mean)
+    zoom = hidden > 32
+    fig, axes = plt.subplots(1, 2 if zoom else 1, figsize=(10 if zoom else 7.5, 4.2),
+                             gridspec_kw={"width_ratios": [3, 2]} if zoom else None,
+                             squeeze=False)
+    axes = axes[0]
+    index = np.arange(1, hidden + 1)
+    for ax, upto in zip(axes, (hidden, 32)):
+        if np.isfinite(std).any():
+            ax.fill_between(index[:upto], (mean - std)[:upto], (mean + std)[:upto],
+                            color="tab:blue", alpha=0.25, lw=0,
+                            label=f"±1 s.d. across {across}")
         ax.plot(index[:upto], mean[:upto], color="tab:blue", lw=1.4,
                 marker="o" if upto <= 32 else None, ms=3, label="mean")
         ax.axhline(0.0, color="k", lw=0.8, ls="--")
         ax.set_xlabel("exponent index $i$")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(f"Lyapunov exponent $\\lambda_i$ ({units})")
-    axes[0].set_title("full spectrum")
-    axes[1].set_title(f"largest {top}")
+    axes[0].set_title(f"Lyapunov spectrum, H = {hidden}")
+    if zoom:
+        axes[1].set_title("largest 32")
     axes[0].legend(loc="lower left", fontsize=8)
-    fig.text(0.5, 0.015, caption, ha="center", va="bottom", fontsize=8, wrap=True)
-    fig.subplots_adjust(left=0.08, right=0.98, top=0.92, bottom=0.3, wspace=0.2)
+    fig.text(0.5, 0.015, caption, ha="center", va="bottom", fontsize=8 if zoom else 7,
+             wrap=True)
+    fig.subplots_adjust(left=0.1 if zoom else 0.13, right=0.98, top=0.92, bottom=0.3,
+                        wspace=0.2)
     _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=200))
     plt.close(fig)
 
 
-def plot_accuracy(path, records, units):
-    """Each trial's test accuracy against its largest exponent, coloured by p."""
+def plot_accuracy(path, records, units, title):
+    """Each trial's test accuracy against its largest exponent, coloured by p; trials
+    left out of the mean are crosses."""
     plt = _pyplot()
+    from matplotlib.lines import Line2D
+
     rows = [r for r in records if r.get("lyap_max") is not None]
     x = np.array([r["lyap_max"] for r in rows], dtype=float)
     y = np.array([r["test_accuracy"] for r in rows], dtype=float)
-    p = [r["p"] for r in rows]
     kept = np.array([r["status"] == "ok" for r in rows])
     fig, ax = plt.subplots(figsize=(5.6, 4.2), constrained_layout=True)
-    if all(v is not None for v in p):
-        art = ax.scatter(x[kept], y[kept], c=np.array(p)[kept], cmap="viridis", s=22,
-                         vmin=min(p), vmax=max(p), label="in the mean")
-        fig.colorbar(art, ax=ax, label="initialisation scale $p$")
+    if all(r["p"] is not None for r in rows):
+        p = np.array([r["p"] for r in rows], dtype=float)
+        colour = {"c": p, "cmap": "viridis", "vmin": p.min(), "vmax": p.max()}
     else:
-        ax.scatter(x[kept], y[kept], s=22, label="in the mean")
+        p, colour = None, {"color": "tab:blue"}
+    for mask, marker in ((kept, "o"), (~kept, "x")):
+        if mask.any():
+            art = ax.scatter(x[mask], y[mask], s=24, marker=marker,
+                             **{k: v[mask] if k == "c" else v for k, v in colour.items()})
+    if p is not None:
+        fig.colorbar(art, ax=ax, label="initialisation scale $p$")
+    handles = [Line2D([], [], ls="", marker="o", color="0.4", label="in the mean")]
     if (~kept).any():
-        ax.scatter(x[~kept], y[~kept], s=26, marker="x", color="tab:red",
-                   label="below --min-accuracy (not in the mean)")
+        handles.append(Line2D([], [], ls="", marker="x", color="0.4",
+                              label="below --min-accuracy (not in the mean)"))
     ax.axvline(0.0, color="k", lw=0.8, ls="--")
     ax.set_xlabel(f"largest Lyapunov exponent $\\lambda_1$ ({units})")
     ax.set_ylabel("test accuracy")
-    ax.set_title(f"{len(rows)} trials")
-    ax.legend(fontsize=8)
+    ax.set_title(f"{title}, {len(rows)} trials", fontsize=10)
+    ax.legend(handles=handles, fontsize=8)
     ax.grid(alpha=0.3)
     _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=200))
     plt.close(fig)
+
+
+def _pm(value):
+    return f"{value:.4f}" if math.isfinite(value) else "n/a"
 
 
 def spectrum_file(out_dir, trial):
@@ -660,7 +689,8 @@ def summarize(args, records, out_dir, units):
     """Mean spectrum of the trials in the mean, its spread, and the plots."""
     out_dir = Path(out_dir)
     if sum(r.get("lyap_max") is not None for r in records) > 1:
-        plot_accuracy(out_dir / "accuracy_vs_lyapunov.png", records, units)
+        plot_accuracy(out_dir / "accuracy_vs_lyapunov.png", records, units,
+                      f"GRU, H = {args.hidden}, {args.init} init")
     kept = [r for r in records if r["status"] == "ok"]
     if not kept:
         return None
@@ -670,8 +700,8 @@ def summarize(args, records, out_dir, units):
         spread, across = spectra, "trials"
     else:
         spread, across = np.load(batch_file(out_dir, kept[0]["trial"])), "LE batch"
-    with np.errstate(invalid="ignore"):
-        std = spread.std(0, ddof=1) if len(spread) > 1 else np.zeros_like(mean)
+    with np.errstate(invalid="ignore"):  # one sample: no spread to measure (NaN, null)
+        std = spread.std(0, ddof=1) if len(spread) > 1 else np.full_like(mean, np.nan)
     stderr = std / math.sqrt(len(spread))
     finite = mean[np.isfinite(mean)]
     summary = {
@@ -700,7 +730,7 @@ def summarize(args, records, out_dir, units):
                f"trial(s) in the mean, test accuracy {accuracy:.4f}.\n"
                f"LE input: {le}, batch {args.le_batch}, {args.jacobian} Jacobian, "
                f"{args.dtype}.\n"
-               f"$\\lambda_1$ = {mean[0]:.4f} ± {stderr[0]:.4f} (s.e.); noise protocol: " +
+               f"$\\lambda_1$ = {mean[0]:.4f} ± {_pm(stderr[0])} (s.e.); noise protocol: " +
                ", ".join(f"{v:.4f} at {k} steps" for k, v in noise.items()) +
                f". Kaplan-Yorke dimension {summary['kaplan_yorke_dimension']:.2f}, sum "
                f"of positive exponents {summary['sum_positive']:.4f}. Units: {units}.")
@@ -712,15 +742,21 @@ def summarize(args, records, out_dir, units):
 # Command line
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # no "(default: None)" noise
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 class _OneLineParser(argparse.ArgumentParser):
     def error(self, message):  # one line on stderr, exit code 2
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def build_parser():
-    fmt = argparse.ArgumentDefaultsHelpFormatter
     ap = _OneLineParser(prog="GRU_LE.py", description=__doc__.split("\n\n")[0],
-                        formatter_class=fmt)
+                        formatter_class=_Help)
     add = ap.add_argument
     add("--epochs", type=int, default=10, metavar="N", help="training epochs per trial")
     add("--hidden", type=int, default=512, metavar="H", help="GRU hidden units")
@@ -762,7 +798,8 @@ def build_parser():
         help="use only the first N training images (quick runs)")
     add("--save-models", action="store_true", help="keep each trained state_dict")
     add("--load-model", default=None, metavar="PATH",
-        help="skip training: spectrum of a saved state_dict (one trial)")
+        help="skip training: spectrum of a saved state_dict (one trial; LE inputs and "
+             "frame from trial 1's streams of --seed)")
     add("--overwrite", action="store_true",
         help="replace results in --out-dir made with other settings")
     return ap
@@ -801,13 +838,22 @@ def check_args(args):
          f"--threads must be at least 1, got {args.threads}")
     need(args.train_limit is None or args.train_limit >= 1,
          f"--train-limit must be at least 1, got {args.train_limit}")
-    need(args.p is None or args.p > 0, f"--p must be positive, got {args.p}")
+    need(args.seed >= 0, f"--seed must be 0 or more, got {args.seed}")
+    need(math.isfinite(args.lr) and math.isfinite(args.clip),
+         "--lr and --clip must be finite numbers")
+    need(args.train_limit is None or args.train_limit <= 60000,
+         f"--train-limit must be at most 60000 (the training set), got {args.train_limit}")
+    need(args.data_dir.strip() != "", "--data-dir must name a folder, e.g. --data-dir data")
+    need(args.out_dir is None or args.out_dir.strip() != "",
+         "--out-dir must name a folder (leave it out for runs/<settings>)")
+    need(args.p is None or 0 < args.p < math.inf, f"--p must be positive and finite, got {args.p}")
     need(args.init == "uniform" or (args.p is None and args.p_range is None),
          "--p and --p-range apply to --init uniform only; add --init uniform")
     need(args.p is None or args.p_range is None, "give either --p or --p-range, not both")
     if args.p_range is not None:
         low, high = args.p_range
-        need(0 < low < high, f"--p-range needs 0 < LOW < HIGH, got {low} {high}")
+        need(0 < low < high < math.inf,
+             f"--p-range needs 0 < LOW < HIGH, both finite, got {low} {high}")
     if args.load_model is not None:
         need(Path(args.load_model).is_file(), f"--load-model {args.load_model}: no such file")
         need(args.trials == 1, "--load-model measures one saved network: use --trials 1")
@@ -842,35 +888,28 @@ def default_out_dir(args, parser):
     return Path("runs") / "-".join(parts)
 
 
-OUR_FILES = ("run.json", "lyap_spectrum_*.npy", "lyap_batch_T*.npy", "*.png", "model_T*.pt")
+# The files a run writes; --overwrite deletes these and nothing else.
+OUR_FILES = re.compile(r"run\.json|lyap_(spectrum|batch)_T\d+\.npy|lyap_spectrum_mean\.(npy|png)"
+                       r"|accuracy_vs_lyapunov\.png|model_T\d+\.pt|\..+\.tmp")
 
 
-def open_out_dir(args, out_dir):
-    """Create or reopen `out_dir`; returns the trial records of an earlier run with the
-    same settings (empty for a new run). Refuses other settings unless --overwrite."""
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"cannot create --out-dir {out_dir} ({e.strerror or e}); "
-                         "choose a writable folder") from None
-    if not os.access(out_dir, os.W_OK):
-        raise UsageError(f"--out-dir {out_dir} is not writable; choose another folder")
+def read_out_dir(args, out_dir):
+    """The trial records of an earlier run in `out_dir` with the same settings (empty for
+    a new run, or with --overwrite). Refuses other settings; changes nothing on disk."""
+    if not out_dir.exists():
+        return []
+    if not out_dir.is_dir():
+        raise UsageError(f"--out-dir {out_dir} is a file; choose a folder")
+    ours = [p for p in out_dir.iterdir() if OUR_FILES.fullmatch(p.name)]
+    if args.overwrite or not ours:
+        return []
     run_json = out_dir / "run.json"
-    if args.overwrite:
-        for pattern in OUR_FILES:
-            for path in out_dir.glob(pattern):
-                path.unlink()
-        return []
-    if not any(out_dir.iterdir()):
-        return []
-    if not run_json.is_file():
-        raise UsageError(f"--out-dir {out_dir} is not empty and holds no run.json; "
-                         "choose an empty folder or pass --overwrite")
     try:
         old = json.loads(run_json.read_text())
         old_settings, records = old["settings"], old["trials"]
     except (OSError, ValueError, KeyError):
-        raise UsageError(f"{run_json} is unreadable; pass --overwrite to start over") from None
+        raise UsageError(f"--out-dir {out_dir} holds results without a readable run.json; "
+                         "pass --overwrite to start over or choose another folder") from None
     new = json.loads(json.dumps(result_settings(args)))
     changed = [k for k in new if old_settings.get(k) != new[k]]
     if changed:
@@ -878,6 +917,10 @@ def open_out_dir(args, out_dir):
                          for k in changed)
         raise UsageError(f"--out-dir {out_dir} holds a run with other settings ({diff}); "
                          "choose another --out-dir or pass --overwrite")
+    last = max((r["trial"] for r in records), default=0)
+    if last > args.trials:
+        raise UsageError(f"--out-dir {out_dir} already holds trial {last}: pass --trials "
+                         f"{last} or more to continue it")
     kept = []
     for r in records:
         if r["status"] != "diverged":
@@ -891,6 +934,21 @@ def open_out_dir(args, out_dir):
                 continue
         kept.append(r)
     return kept
+
+
+def prepare_out_dir(args, out_dir):
+    """Create `out_dir`; with --overwrite, delete the files of the earlier run in it."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot create --out-dir {out_dir} ({e.strerror or e}); "
+                         "choose a writable folder") from None
+    if not os.access(out_dir, os.W_OK):
+        raise UsageError(f"--out-dir {out_dir} is not writable; choose another folder")
+    if args.overwrite:
+        for path in out_dir.iterdir():
+            if OUR_FILES.fullmatch(path.name):
+                path.unlink()
 
 
 def environment(device):
@@ -969,10 +1027,11 @@ def setup(args, parser):
     if args.load_model:
         check_checkpoint(args)
     out_dir = Path(args.out_dir) if args.out_dir else default_out_dir(args, parser)
-    records = open_out_dir(args, out_dir)
+    records = read_out_dir(args, out_dir)
     data = load_smnist(args.data_dir, device)
     if args.train_limit:
         data = (data[0][:args.train_limit], data[1][:args.train_limit]) + data[2:]
+    prepare_out_dir(args, out_dir)
     return device, out_dir, records, data
 
 
@@ -1039,7 +1098,7 @@ def main(argv=None):
         return 1
     mean = info["mean"]
     tqdm.write(f"done: {len(kept)} of {len(records)} trial(s) in the mean; largest exponent "
-               f"{mean['lyap_max']:+.4f} ± {mean['lyap_max_stderr']:.4f} {units}, "
+               f"{mean['lyap_max']:+.4f} ± {_pm(mean['lyap_max_stderr'])} {units}, "
                f"Kaplan-Yorke dimension {mean['kaplan_yorke_dimension']:.2f}; see {out_dir}")
     return 0
 

@@ -177,6 +177,41 @@ def test_changed_settings_are_refused_unless_overwrite(tmp_path, mnist_dir, caps
     assert json.loads((out_dir / "run.json").read_text())["settings"]["lr"] == 0.01
 
 
+def test_overwrite_deletes_only_our_files_and_only_after_every_check(tmp_path, mnist_dir):
+    assert run(tmp_path, mnist_dir, "--trials", "2")[0] == 0
+    out_dir = tmp_path / "out"
+    (out_dir / "notes.png").write_text("a figure of the user's")
+    (out_dir / "lyap_spectrum_other.npy").write_text("not ours")
+    before = sorted(p.name for p in out_dir.iterdir())
+
+    broken = tmp_path / "broken" / "MNIST" / "raw"
+    shutil.copytree(mnist_dir / "MNIST" / "raw", broken)
+    (broken / "train-labels-idx1-ubyte").write_bytes(b"truncated")
+    code = G.main(TINY + ["--lr", "0.01", "--overwrite", "--data-dir",
+                          str(tmp_path / "broken"), "--out-dir", str(out_dir)])
+    assert code == 2 and sorted(p.name for p in out_dir.iterdir()) == before
+
+    assert run(tmp_path, mnist_dir, "--lr", "0.01", "--overwrite")[0] == 0
+    left = {p.name for p in out_dir.iterdir()}
+    assert {"notes.png", "lyap_spectrum_other.npy", "lyap_spectrum_T1.npy"} <= left
+    assert "lyap_spectrum_T2.npy" not in left  # the old run's second trial is gone
+
+
+def test_fewer_trials_than_a_finished_run_are_refused(tmp_path, mnist_dir, capsys):
+    assert run(tmp_path, mnist_dir, "--trials", "2")[0] == 0
+    capsys.readouterr()
+    assert run(tmp_path, mnist_dir, "--trials", "1")[0] == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--trials 2 or more" in err
+
+
+def test_one_sequence_one_trial_has_no_spread(tmp_path, mnist_dir):
+    code, out_dir = run(tmp_path, mnist_dir, "--le-batch", "1")
+    assert code == 0
+    mean = json.loads((out_dir / "run.json").read_text())["mean"]
+    assert mean["lyap_max_stderr"] is None and set(mean["stderr"]) == {None}
+
+
 def test_nan_trial_is_recorded_and_left_out(tmp_path, mnist_dir, reference, monkeypatch):
     real = G.run_epoch
 
@@ -298,6 +333,12 @@ def test_bits_per_step(tmp_path, mnist_dir, reference):
     (["--hidden", "ten"], "--hidden"),
     (["--jacobian", "numeric"], "--jacobian"),
     (["--load-model", "/nonexistent/model.pt"], "--load-model"),
+    (["--seed", "-1"], "--seed"),
+    (["--init", "uniform", "--p", "inf"], "--p must be positive and finite"),
+    (["--init", "uniform", "--p-range", "0.1", "inf"], "--p-range"),
+    (["--lr", "inf"], "--lr"),
+    (["--train-limit", "60001"], "--train-limit"),
+    (["--data-dir", ""], "--data-dir"),
 ])
 def test_bad_values_end_in_one_line_and_exit_2(tmp_path, mnist_dir, flags, says, capsys):
     try:
@@ -327,7 +368,7 @@ def test_out_dir_that_cannot_be_created(tmp_path, mnist_dir, capsys):
     assert err.count("\n") == 1 and "--out-dir" in err
 
 
-@pytest.mark.parametrize("damage", ["truncate", "corrupt", "remove"])
+@pytest.mark.parametrize("damage", ["truncate", "corrupt", "folder", "remove"])
 def test_damaged_mnist_is_refused_in_one_line(tmp_path, mnist_dir, damage, monkeypatch,
                                              capsys):
     raw = tmp_path / "data" / "MNIST" / "raw"
@@ -339,6 +380,9 @@ def test_damaged_mnist_is_refused_in_one_line(tmp_path, mnist_dir, damage, monke
         data = bytearray(victim.read_bytes())
         data[100] ^= 0xFF
         victim.write_bytes(bytes(data))
+    elif damage == "folder":
+        victim.unlink()
+        victim.mkdir()
     else:  # and no source can bring it back
         victim.unlink()
         monkeypatch.setenv("PATH", str(tmp_path / "no-npm-here"))
