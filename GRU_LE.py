@@ -459,6 +459,8 @@ def kaplan_yorke(spectrum):
     """Kaplan-Yorke dimension j + S_j / |l_{j+1}| of a spectrum, S_j the largest
     non-negative partial sum of the exponents sorted in descending order."""
     lam = np.sort(np.asarray(spectrum, dtype=np.float64))[::-1]
+    if np.isnan(lam).any():
+        return math.nan
     partial = np.cumsum(lam)
     if not lam.size or lam[0] < 0:
         return 0.0
@@ -624,6 +626,7 @@ def plot_spectrum(path, mean, std, caption, units, across):
         ax.axhline(0.0, color="k", lw=0.8, ls="--")
         ax.set_xlabel("exponent index $i$")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlim(1 - 0.02 * upto, upto * 1.02)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(f"Lyapunov exponent $\\lambda_i$ ({units})")
     axes[0].set_title(f"Lyapunov spectrum, H = {hidden}")
@@ -632,7 +635,7 @@ def plot_spectrum(path, mean, std, caption, units, across):
     axes[0].legend(loc="lower left", fontsize=8)
     fig.text(0.5, 0.015, caption, ha="center", va="bottom", fontsize=8 if zoom else 7,
              wrap=True)
-    fig.subplots_adjust(left=0.1 if zoom else 0.13, right=0.98, top=0.92, bottom=0.3,
+    fig.subplots_adjust(left=0.1 if zoom else 0.13, right=0.98, top=0.92, bottom=0.27,
                         wspace=0.2)
     _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=200))
     plt.close(fig)
@@ -672,6 +675,10 @@ def plot_accuracy(path, records, units, title):
     ax.grid(alpha=0.3)
     _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=200))
     plt.close(fig)
+
+
+def _count(n, noun):
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def _pm(value):
@@ -727,8 +734,8 @@ def summarize(args, records, out_dir, units):
     noise = {k: np.mean([r["lyap_max_noise"][k] for r in kept])
              for k in kept[0]["lyap_max_noise"]}
     accuracy = np.mean([r["test_accuracy"] for r in kept])
-    caption = (f"GRU, H = {args.hidden}, {init}, {args.epochs} epoch(s); {len(kept)} "
-               f"trial(s) in the mean, test accuracy {accuracy:.4f}.\n"
+    caption = (f"GRU, H = {args.hidden}, {init}, {_count(args.epochs, 'epoch')}; "
+               f"{_count(len(kept), 'trial')} in the mean, test accuracy {accuracy:.4f}.\n"
                f"LE input: {le}, batch {args.le_batch}, {args.jacobian} Jacobian, "
                f"{args.dtype}.\n"
                f"$\\lambda_1$ = {mean[0]:.4f} ± {_pm(stderr[0])} (s.e.); noise protocol: " +
@@ -847,14 +854,16 @@ def check_args(args):
     need(args.data_dir.strip() != "", "--data-dir must name a folder, e.g. --data-dir data")
     need(args.out_dir is None or args.out_dir.strip() != "",
          "--out-dir must name a folder (leave it out for runs/<settings>)")
-    need(args.p is None or 0 < args.p < math.inf, f"--p must be positive and finite, got {args.p}")
+    big = float(torch.finfo(torch.float32).max)
+    need(args.p is None or 0 < args.p <= big,
+         f"--p must be positive and finite in float32, got {args.p}")
     need(args.init == "uniform" or (args.p is None and args.p_range is None),
          "--p and --p-range apply to --init uniform only; add --init uniform")
     need(args.p is None or args.p_range is None, "give either --p or --p-range, not both")
     if args.p_range is not None:
         low, high = args.p_range
-        need(0 < low < high < math.inf,
-             f"--p-range needs 0 < LOW < HIGH, both finite, got {low} {high}")
+        need(0 < low < high <= big,
+             f"--p-range needs 0 < LOW < HIGH, finite in float32, got {low} {high}")
     if args.load_model is not None:
         need(Path(args.load_model).is_file(), f"--load-model {args.load_model}: no such file")
         need(args.trials == 1, "--load-model measures one saved network: use --trials 1")
@@ -890,8 +899,12 @@ def default_out_dir(args, parser):
 
 
 # The files a run writes; --overwrite deletes these and nothing else.
-OUR_FILES = re.compile(r"run\.json|lyap_(spectrum|batch)_T\d+\.npy|lyap_spectrum_mean\.(npy|png)"
-                       r"|accuracy_vs_lyapunov\.png|model_T\d+\.pt|\..+\.tmp")
+OUR_FILES = re.compile(r"run\.json|lyap_(spectrum|batch)_T[1-9]\d*\.npy|lyap_spectrum_mean"
+                       r"\.(npy|png)|accuracy_vs_lyapunov\.png|model_T[1-9]\d*\.pt|\..+\.tmp")
+
+
+def _no_constant(name):
+    raise ValueError(f"{name} in run.json")  # we write null, never NaN or Infinity
 
 
 def read_out_dir(args, out_dir):
@@ -906,11 +919,13 @@ def read_out_dir(args, out_dir):
         return []
     run_json = out_dir / "run.json"
     try:
-        old = json.loads(run_json.read_text())
+        old = json.loads(run_json.read_text(), parse_constant=_no_constant)
         old_settings, records = old["settings"], old["trials"]
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, TypeError):
         raise UsageError(f"--out-dir {out_dir} holds results without a readable run.json; "
                          "pass --overwrite to start over or choose another folder") from None
+    if not records:  # no finished trial: nothing to protect
+        return []
     new = json.loads(json.dumps(result_settings(args)))
     changed = [k for k in new if old_settings.get(k) != new[k]]
     if changed:
@@ -929,6 +944,7 @@ def read_out_dir(args, out_dir):
                 spectrum = np.load(spectrum_file(out_dir, r["trial"]))
                 batch = np.load(batch_file(out_dir, r["trial"]))
                 assert spectrum.shape == (args.hidden,) and batch.shape[1:] == spectrum.shape
+                assert not (np.isnan(spectrum).any() or np.isnan(batch).any())
             except Exception:  # noqa: BLE001 - a torn or missing file: redo the trial
                 tqdm.write(f"trial {r['trial']}: result file unreadable, redoing it",
                            file=sys.stderr)
@@ -938,7 +954,8 @@ def read_out_dir(args, out_dir):
 
 
 def prepare_out_dir(args, out_dir):
-    """Create `out_dir`; with --overwrite, delete the files of the earlier run in it."""
+    """Create `out_dir`. Returns, with --overwrite, the files of the earlier run in it: the
+    caller deletes them once the new run has a first result to replace them with."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -946,10 +963,9 @@ def prepare_out_dir(args, out_dir):
                          "choose a writable folder") from None
     if not os.access(out_dir, os.W_OK):
         raise UsageError(f"--out-dir {out_dir} is not writable; choose another folder")
-    if args.overwrite:
-        for path in out_dir.iterdir():
-            if OUR_FILES.fullmatch(path.name):
-                path.unlink()
+    if not args.overwrite:
+        return []
+    return [path for path in out_dir.iterdir() if OUR_FILES.fullmatch(path.name)]
 
 
 def environment(device):
@@ -967,8 +983,9 @@ def environment(device):
             "platform": platform.platform()}
 
 
-def run_trial(args, data, trial, device, out_dir, qr_device):
-    """Train (or load) one network and measure its spectrum; writes the trial's files."""
+def run_trial(args, data, trial, device, qr_device):
+    """Train (or load) one network and measure its spectrum. Returns (record, spectra
+    (B, H) in the chosen units or None, model or None); writes nothing."""
     seeds = trial_seeds(args.seed, trial)
     start = time.perf_counter()
     record = {"trial": trial, "status": "ok", "reason": None, "p": None, "seeds": seeds}
@@ -977,18 +994,12 @@ def run_trial(args, data, trial, device, out_dir, qr_device):
     except Diverged as e:
         record.update(status="diverged", reason=str(e),
                       time_s=time.perf_counter() - start)
-        return record
+        return record, None, None
     trained = time.perf_counter()
     test_loss, test_acc = run_epoch(model, Batches(data[2], data[3], 1000), desc="test")
-    if args.save_models:
-        _atomic_write(Path(out_dir) / f"model_T{trial}.pt",
-                      lambda f: torch.save(model.state_dict(), f))
-
     spectra, check = trial_spectrum(args, model.gru, data[2], seeds, device, qr_device)
     scale = 1.0 if args.log_base == "e" else 1.0 / math.log(2.0)
     spectra, check = spectra * scale, {k: v * scale for k, v in check.items()}
-    save_npy(batch_file(out_dir, trial), spectra)  # (B, H): one spectrum per sequence
-    save_npy(spectrum_file(out_dir, trial), spectra.mean(0))  # (H,)
 
     if test_acc < args.min_accuracy:
         record.update(status="low_accuracy",
@@ -998,7 +1009,39 @@ def run_trial(args, data, trial, device, out_dir, qr_device):
                   lyap_max_noise=check, train_time_s=trained - start,
                   spectrum_time_s=time.perf_counter() - trained,
                   time_s=time.perf_counter() - start)
-    return record
+    return record, spectra, model
+
+
+def save_trial(args, out_dir, record, spectra, model):
+    """Write a finished trial's files (run.json is written by the caller, after them)."""
+    if spectra is None:
+        return
+    trial = record["trial"]
+    if args.save_models:
+        _atomic_write(Path(out_dir) / f"model_T{trial}.pt",
+                      lambda f: torch.save(model.state_dict(), f))
+    save_npy(batch_file(out_dir, trial), spectra)  # (B, H): one spectrum per sequence
+    save_npy(spectrum_file(out_dir, trial), spectra.mean(0))  # (H,)
+
+
+def check_memory(args, device):
+    """Refuse sizes whose largest tensors cannot fit in this machine's memory (the GPU's
+    for CUDA, where the spectrum stage can fall back to one sequence at a time)."""
+    width = 8 if args.dtype == "float64" else 4
+    params = 3 * args.hidden * (COLS + args.hidden + 2) + 11 * args.hidden
+    training = 16 * params + 4 * 4 * args.batch_size * ROWS * 3 * args.hidden
+    sequences = 1 if device.type == "cuda" else args.le_batch
+    drive = max(2 * ROWS, args.le_warmup + 2 * args.le_steps) * COLS
+    spectrum = sequences * (6 * args.hidden ** 2 + drive) * width
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+    else:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    need = max(training, spectrum)
+    if need > total:
+        raise UsageError(f"--hidden {args.hidden}, --le-batch {args.le_batch} and "
+                         f"--le-steps {args.le_steps} need about {need / 2**30:.0f} GiB, "
+                         f"more than the {total / 2**30:.0f} GiB here: lower them")
 
 
 def check_checkpoint(args):
@@ -1018,13 +1061,14 @@ def check_checkpoint(args):
 
 def setup(args, parser):
     """Everything that can fail on bad input, before any training: returns
-    (device, out_dir, earlier trial records, data). Raises UsageError."""
+    (device, out_dir, earlier trial records, data, files to replace). Raises UsageError."""
     check_args(args)
     if args.init == "uniform" and args.p is None and args.p_range is None:
         args.p_range = [0.1, 3.0]  # the authors' sweep
     device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
+    check_memory(args, device)
     if args.load_model:
         check_checkpoint(args)
     out_dir = Path(args.out_dir) if args.out_dir else default_out_dir(args, parser)
@@ -1032,8 +1076,8 @@ def setup(args, parser):
     data = load_smnist(args.data_dir, device)
     if args.train_limit:
         data = (data[0][:args.train_limit], data[1][:args.train_limit]) + data[2:]
-    prepare_out_dir(args, out_dir)
-    return device, out_dir, records, data
+    stale = prepare_out_dir(args, out_dir)
+    return device, out_dir, records, data, stale
 
 
 def trial_line(record, units):
@@ -1051,7 +1095,7 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        device, out_dir, records, data = setup(args, parser)
+        device, out_dir, records, data, stale = setup(args, parser)
     except UsageError as e:
         print(f"GRU_LE.py: error: {e}", file=sys.stderr)
         return 2
@@ -1065,7 +1109,8 @@ def main(argv=None):
     info = {"settings": vars(args), "units": units, "out_dir": str(out_dir),
             "qr_device": str(qr_device), "environment": environment(device),
             "trials": records, "mean": None}
-    save_json(out_dir / "run.json", info)  # from now on the folder can be resumed
+    if not stale:
+        save_json(out_dir / "run.json", info)  # from now on the folder can be resumed
     tqdm.write(f"GRU_LE: {args.trials} trial(s), H={args.hidden}, {args.epochs} epochs, "
                f"{len(data[0])} training images, device {device}; results in {out_dir}")
     done = {r["trial"] for r in records}
@@ -1077,7 +1122,11 @@ def main(argv=None):
         for trial in range(1, args.trials + 1):
             if trial in done:
                 continue
-            record = run_trial(args, data, trial, device, out_dir, qr_device)
+            record, spectra, model = run_trial(args, data, trial, device, qr_device)
+            for path in stale:  # --overwrite: the old run goes once a new result exists
+                path.unlink(missing_ok=True)
+            stale = []
+            save_trial(args, out_dir, record, spectra, model)
             records.append(record)
             records.sort(key=lambda r: r["trial"])
             info["mean"] = summarize(args, records, out_dir, units)
@@ -1085,8 +1134,9 @@ def main(argv=None):
             tqdm.write(trial_line(record, units))
     except KeyboardInterrupt:
         interrupted = True
-    info["mean"] = summarize(args, records, out_dir, units)
-    save_json(out_dir / "run.json", info)
+    if not stale:
+        info["mean"] = summarize(args, records, out_dir, units)
+        save_json(out_dir / "run.json", info)
 
     kept = info["mean"]["trials_in_mean"] if info["mean"] else []
     if interrupted:

@@ -191,10 +191,55 @@ def test_overwrite_deletes_only_our_files_and_only_after_every_check(tmp_path, m
                           str(tmp_path / "broken"), "--out-dir", str(out_dir)])
     assert code == 2 and sorted(p.name for p in out_dir.iterdir()) == before
 
+    real = G.run_trial
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    G.run_trial = interrupted  # stopped before the new run has a result: nothing goes
+    try:
+        assert run(tmp_path, mnist_dir, "--lr", "0.01", "--overwrite")[0] == 130
+    finally:
+        G.run_trial = real
+    assert sorted(p.name for p in out_dir.iterdir()) == before
+
+    (out_dir / "lyap_spectrum_T01.npy").write_text("not ours either")
     assert run(tmp_path, mnist_dir, "--lr", "0.01", "--overwrite")[0] == 0
     left = {p.name for p in out_dir.iterdir()}
-    assert {"notes.png", "lyap_spectrum_other.npy", "lyap_spectrum_T1.npy"} <= left
+    assert {"notes.png", "lyap_spectrum_other.npy", "lyap_spectrum_T01.npy",
+            "lyap_spectrum_T1.npy"} <= left
     assert "lyap_spectrum_T2.npy" not in left  # the old run's second trial is gone
+
+
+def test_nan_in_result_files_is_never_trusted(tmp_path, mnist_dir, reference, capsys):
+    assert run(tmp_path, mnist_dir, "--trials", "2")[0] == 0
+    out_dir = tmp_path / "out"
+    spectrum = load(out_dir, "lyap_spectrum_T2.npy")
+    spectrum[0] = np.nan
+    np.save(out_dir / "lyap_spectrum_T2.npy", spectrum)
+    capsys.readouterr()
+    assert run(tmp_path, mnist_dir, "--trials", "2")[0] == 0
+    assert "trial 2: result file unreadable, redoing it" in capsys.readouterr().err
+    assert np.array_equal(load(out_dir, "lyap_spectrum_T2.npy"),
+                          load(reference, "lyap_spectrum_T2.npy"))
+
+    run_json = out_dir / "run.json"
+    run_json.write_text(run_json.read_text().replace('"test_loss": ', '"test_loss": NaN, "x": '))
+    assert run(tmp_path, mnist_dir, "--trials", "2")[0] == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "run.json" in err
+
+
+def test_a_run_with_no_finished_trial_does_not_block_other_settings(tmp_path, mnist_dir,
+                                                                   monkeypatch):
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(G, "run_trial", interrupted)
+    assert run(tmp_path, mnist_dir)[0] == 130
+    assert (tmp_path / "out" / "run.json").exists()
+    monkeypatch.undo()
+    assert run(tmp_path, mnist_dir, "--lr", "0.01")[0] == 0
 
 
 def test_fewer_trials_than_a_finished_run_are_refused(tmp_path, mnist_dir, capsys):
@@ -339,6 +384,9 @@ def test_bits_per_step(tmp_path, mnist_dir, reference):
     (["--lr", "inf"], "--lr"),
     (["--train-limit", "60001"], "--train-limit"),
     (["--data-dir", ""], "--data-dir"),
+    (["--init", "uniform", "--p", "1e300"], "float32"),
+    (["--hidden", "10000000"], "GiB"),
+    (["--le-steps", "100000000000"], "GiB"),
 ])
 def test_bad_values_end_in_one_line_and_exit_2(tmp_path, mnist_dir, flags, says, capsys):
     try:
