@@ -844,13 +844,11 @@ def check_args(args):
          f"--min-accuracy must be in [0, 1], got {args.min_accuracy}")
     need(args.threads is None or args.threads >= 1,
          f"--threads must be at least 1, got {args.threads}")
-    need(args.train_limit is None or args.train_limit >= 1,
-         f"--train-limit must be at least 1, got {args.train_limit}")
     need(args.seed >= 0, f"--seed must be 0 or more, got {args.seed}")
     need(math.isfinite(args.lr) and math.isfinite(args.clip),
          "--lr and --clip must be finite numbers")
-    need(args.train_limit is None or args.train_limit <= 60000,
-         f"--train-limit must be at most 60000 (the training set), got {args.train_limit}")
+    need(args.train_limit is None or 1 <= args.train_limit <= 60000,
+         f"--train-limit must be 1 to 60000 (the training set), got {args.train_limit}")
     need(args.data_dir.strip() != "", "--data-dir must name a folder, e.g. --data-dir data")
     need(args.out_dir is None or args.out_dir.strip() != "",
          "--out-dir must name a folder (leave it out for runs/<settings>)")
@@ -1036,7 +1034,10 @@ def check_memory(args, device):
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
     else:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        try:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (AttributeError, ValueError, OSError):  # no sysconf (Windows): no check
+            return
     need = max(training, spectrum)
     if need > total:
         raise UsageError(f"--hidden {args.hidden}, --le-batch {args.le_batch} and "
