@@ -494,7 +494,8 @@ class Diverged(Exception):
 
 
 def train_trial(args, data, trial, seeds, device):
-    """Build, initialise and train one network; returns (model, p, log dict)."""
+    """Build, initialise and train one network; returns (model, p, log), log holding the
+    last training loss and the last epoch's (test loss, test accuracy), None untrained."""
     x_train, y_train, x_test, y_test = data
     p = None
     if args.init == "uniform":
@@ -509,23 +510,23 @@ def train_trial(args, data, trial, seeds, device):
     if args.load_model:
         model.load_state_dict(torch.load(args.load_model, map_location=device))
         tqdm.write(f"trial {trial}: loaded {args.load_model}, skipping training")
-        return model, p, {"train_loss": None}
+        return model, p, {"train_loss": None, "test": None}
 
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     train = Batches(x_train, y_train, args.batch_size, _generator(seeds["batches"]))
     torch.manual_seed(seeds["dropout"])
-    loss = None
+    loss = test = None
     for epoch in range(1, args.epochs + 1):
         start = time.perf_counter()
         loss, acc = run_epoch(model, train, optimizer, args.clip,
                               desc=f"trial {trial} epoch {epoch}")
         if not math.isfinite(loss):
             raise Diverged(f"training loss became {loss} in epoch {epoch}")
-        _, test_acc = run_epoch(model, Batches(x_test, y_test, 1000), desc="test")
+        test = run_epoch(model, Batches(x_test, y_test, 1000), desc="test")
         tqdm.write(f"trial {trial} epoch {epoch}/{args.epochs}: loss {loss:.4f}, "
-                   f"train acc {acc:.4f}, test acc {test_acc:.4f}, "
+                   f"train acc {acc:.4f}, test acc {test[1]:.4f}, "
                    f"{time.perf_counter() - start:.0f}s")
-    return model, p, {"train_loss": loss}
+    return model, p, {"train_loss": loss, "test": test}
 
 
 def trial_spectrum(args, gru, x_test, seeds, device, qr_device=None):
@@ -994,7 +995,8 @@ def run_trial(args, data, trial, device, qr_device):
                       time_s=time.perf_counter() - start)
         return record, None, None
     trained = time.perf_counter()
-    test_loss, test_acc = run_epoch(model, Batches(data[2], data[3], 1000), desc="test")
+    test_loss, test_acc = log["test"] or run_epoch(model, Batches(data[2], data[3], 1000),
+                                                   desc="test")
     spectra, check = trial_spectrum(args, model.gru, data[2], seeds, device, qr_device)
     scale = 1.0 if args.log_base == "e" else 1.0 / math.log(2.0)
     spectra, check = spectra * scale, {k: v * scale for k, v in check.items()}
